@@ -295,7 +295,7 @@ def top_hessian_eigenvalues(
         ...         self.w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
         >>> A = torch.diag(torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64))
         >>> loss = lambda m, batch: 0.5 * m.w @ A @ m.w
-        >>> res = top_hessian_eigenvalues(Quadratic(), loss, torch.zeros(1, 1), k=2)
+        >>> res = top_hessian_eigenvalues(Quadratic(), loss, torch.zeros(1, 1, dtype=torch.float64), k=2)
         >>> [round(float(x), 6) for x in res.eigenvalues]
         [3.0, 1.0]
     """

@@ -197,6 +197,8 @@ def test_input_errors_name_the_value() -> None:
         hessian_trace(case.model, case.loss_fn, [])
     with pytest.raises(ValueError, match="a batch has 0 samples"):
         hessian_trace(case.model, case.loss_fn, (torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0)))
+    with pytest.raises(ValueError, match="batch tensor is on device meta, but the model is on cpu"):
+        hessian_trace(case.model, case.loss_fn, (case.batches[0][0].to("meta"), case.batches[0][1]))
     with pytest.raises(ValueError, match="dtype torch.float32, but the model's parameters are torch.float64"):
         hessian_trace(case.model, case.loss_fn, (case.batches[0][0].float(), case.batches[0][1]))
     with pytest.raises(ValueError, match="loss_fn must return a scalar loss, got shape \\(7, 3\\)"):
