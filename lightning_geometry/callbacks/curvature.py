@@ -53,10 +53,12 @@ class CurvatureProbe(GeometryCallback):
     * ``lambda_max`` (and ``lambda_2`` … ``lambda_k`` for ``k > 1``): the top Hessian eigenvalues by Lanczos with
       full reorthogonalisation, warm-started from the previous probe's top eigenvector; ``lanczos_products``.
     * ``lambda_max_lr`` :math:`= \lambda_{\max}\eta/2` with the first optimizer's current learning rate
-      :math:`\eta` (1 is the edge of stability of plain gradient descent, Cohen et al. 2021) and, for SGD with
-      heavy-ball momentum :math:`\beta > 0`, ``stability_threshold`` :math:`(2+2\beta)/\eta` and
-      ``stability_ratio`` :math:`\lambda_{\max} / ((2+2\beta)/\eta)`. These ratios do not apply to adaptive
-      optimizers (Adam), whose stability is set by the preconditioned Hessian.
+      :math:`\eta` (1 is the edge of stability of plain gradient descent, Cohen et al. 2021) and, for SGD,
+      ``stability_threshold`` — :math:`2/\eta`, :math:`(2+2\beta)/\eta` under heavy-ball momentum
+      :math:`\beta`, with dampening and Nesterov as in
+      :func:`~lightning_geometry.functional.sharpness.sgd_stability_threshold` — and ``stability_ratio``
+      :math:`\lambda_{\max}` over it. These ratios do not apply to adaptive optimizers (Adam), whose stability
+      is set by the preconditioned Hessian.
     * ``trace`` and ``trace_std_error``: Hutch++ (or Hutchinson) estimate of :math:`\operatorname{tr} H`.
     * ``directional_curvature/{mean,max,q10,q50,q90}``: second differences
       :math:`(L(\theta+hd) - 2L(\theta) + L(\theta-hd))/h^2` along filter-normalized directions (Li et al.
@@ -120,7 +122,7 @@ class CurvatureProbe(GeometryCallback):
         trace_samples: int = 12,
         trace_method: Literal["hutch++", "hutchinson"] = "hutch++",
         num_directions: int = 10,
-        h: float = 1e-2,
+        h: float = 0.1,
         direction_norm: Literal["filter", "layer", "none"] = "filter",
         sharpness_rho: float = 0.05,
         sharpness_samples: int = 10,
@@ -221,15 +223,21 @@ class CurvatureProbe(GeometryCallback):
         return compute + self.LOG_COST * scalars
 
     @staticmethod
-    def _optimizer_lr_momentum(trainer: pl.Trainer) -> tuple[float | None, float]:
+    def _optimizer_lr(trainer: pl.Trainer) -> tuple[float | None, float | None]:
+        """The first optimizer's learning rate, and its SGD stability threshold (``None`` for other optimizers)."""
         optimizers = getattr(trainer, "optimizers", None) or []
         if not optimizers:
-            return None, 0.0
+            return None, None
         opt = optimizers[0]
         group = opt.param_groups[0]
         lr = float(group["lr"]) if "lr" in group else None
-        momentum = float(group.get("momentum", 0.0) or 0.0) if isinstance(opt, torch.optim.SGD) else 0.0
-        return lr, momentum
+        if lr is None or lr <= 0 or not isinstance(opt, torch.optim.SGD):
+            return lr, None
+        momentum = float(group.get("momentum", 0.0) or 0.0)
+        threshold = S.sgd_stability_threshold(
+            lr, momentum, float(group.get("dampening", 0.0) or 0.0), bool(group.get("nesterov", False))
+        )
+        return lr, threshold
 
     def _init_vector(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor] | None:
         if not self.warm_start or self._eigenvector is None:
@@ -264,12 +272,12 @@ class CurvatureProbe(GeometryCallback):
         extra["eigen"] = eig
         hvp_products, graphs = eig.num_products, 1
 
-        lr, momentum = self._optimizer_lr_momentum(trainer)
+        lr, threshold = self._optimizer_lr(trainer)
         if lr is not None and lr > 0:
             scalars["lambda_max_lr"] = lam * lr / 2.0
-            if 0.0 < momentum < 1.0:
-                scalars["stability_threshold"] = S.stability_threshold(lr, momentum)
-                scalars["stability_ratio"] = lam / S.stability_threshold(lr, momentum)
+        if threshold is not None:
+            scalars["stability_threshold"] = threshold
+            scalars["stability_ratio"] = lam / threshold
 
         if self.trace_samples:
             tr = F.hessian_trace(

@@ -411,7 +411,7 @@ def directional_curvature(
     batches: Any,
     *,
     num_directions: int = 10,
-    h: float = 1e-2,
+    h: float = 0.1,
     norm: DirectionNorm = "filter",
     ignore: DirectionIgnore = "biasbn",
     seed: int = 0,
@@ -439,7 +439,10 @@ def directional_curvature(
         loss_fn: ``loss_fn(model, batch) -> scalar Tensor``.
         batches: One batch or an iterable of batches.
         num_directions: Number of random directions.
-        h: Step along each direction (> 0).
+        h: Step along each direction (> 0). Round-off bounds how small it can be: the loss is known to about
+            :math:`\epsilon L` (:math:`\epsilon` the dtype's epsilon), so the second difference carries an
+            error of about :math:`4\epsilon L/h^2` — :math:`2\cdot 10^{-5} L` in float32 at the default 0.1,
+            but :math:`2\cdot 10^{-3} L` at 0.01. Use float64 to resolve smaller scales.
         norm: Direction normalization, ``"filter"``, ``"layer"`` or ``"none"``.
         ignore: ``"biasbn"`` (zero on 1-D tensors) or ``"none"``.
         seed: Seed of the private generator.

@@ -75,6 +75,50 @@ def stability_ratio(lambda_max: float, lr: float, momentum: float = 0.0) -> floa
     return float(lambda_max) / stability_threshold(lr, momentum)
 
 
+def sgd_stability_threshold(
+    lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False
+) -> float:
+    r"""The largest curvature on which ``torch.optim.SGD`` with these hyper-parameters is stable.
+
+    On a quadratic with curvature :math:`\lambda` the iteration is linear, and it is stable iff
+    :math:`\lambda` is below (Cohen et al. 2021, "Gradient Descent on Neural Networks Typically Occurs at the
+    Edge of Stability", Sec. 2 and App. for momentum):
+
+    * plain gradient descent: :math:`2/\eta`;
+    * heavy-ball momentum :math:`\beta` (``v \leftarrow \beta v + (1-\tau) g``, ``\theta \leftarrow \theta - \eta
+      v``): :math:`(2 + 2\beta)/(\eta(1-\tau))` — dampening :math:`\tau` only rescales the step;
+    * Nesterov (``nesterov=True``, which PyTorch allows only with :math:`\tau = 0`):
+      :math:`(2 + 2\beta)/(\eta(1 + 2\beta))`. The characteristic polynomial of the iteration on
+      :math:`\lambda` is :math:`z^2 - (1+\beta)(1-\eta\lambda)z + \beta(1-\eta\lambda)`; its root crosses
+      :math:`z=-1` at :math:`\eta\lambda(1+2\beta) = 2+2\beta`.
+
+    Momentum is ignored when it is 0 (PyTorch keeps no buffer then). ``tests/test_early_stopping.py`` checks each
+    case by running ``torch.optim.SGD`` on a one-dimensional quadratic just below and just above the threshold.
+
+    Args:
+        lr: Learning rate :math:`\eta > 0`.
+        momentum: :math:`\beta \in [0, 1)`.
+        dampening: :math:`\tau \in [0, 1]`; ``1`` makes the threshold infinite.
+        nesterov: Nesterov momentum.
+
+    Returns:
+        The threshold (``inf`` when the effective step is 0).
+
+    Raises:
+        ValueError: On ``lr <= 0``, ``momentum`` outside [0, 1) or ``dampening`` outside [0, 1].
+    """
+    if not 0.0 <= dampening <= 1.0:
+        raise ValueError(f"dampening must be in [0, 1], got {dampening!r}")
+    base = stability_threshold(lr, momentum)  # validates lr and momentum
+    if momentum == 0.0:
+        return base
+    if nesterov:
+        return base / (1.0 + 2.0 * momentum)
+    if dampening >= 1.0:
+        return math.inf
+    return base / (1.0 - dampening)
+
+
 def _scale(params: Mapping[str, Tensor], adaptive: bool, offset: float) -> ParamDict:
     return {k: (p.abs() if adaptive else torch.zeros_like(p)) + offset for k, p in params.items()}
 
