@@ -11,8 +11,6 @@ decides when, logs, and draws the PCA picture of the path at the end of the fit.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_geometry import io as gio
 from lightning_geometry import tensorboard as tb
 from lightning_geometry.callbacks._base import GeometryCallback, GeometryConfigurationError, ProbeOutput
 from lightning_geometry.functional.params import trainable_parameters
@@ -207,22 +206,11 @@ class TrajectoryMonitor(GeometryCallback):
     def _save_snapshot(self, trainer: pl.Trainer, index: int) -> None:
         if self.snapshot_dir is None or not trainer.is_global_zero:
             return
-        directory = Path(self.snapshot_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        target = directory / f"point={index:05d}-epoch={trainer.current_epoch}-step={trainer.global_step}.pt"
+        target = Path(self.snapshot_dir) / f"point={index:05d}-epoch={trainer.current_epoch}-step={trainer.global_step}.pt"
         payload = {"index": index, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
                    "params": {k: v.clone() for k, v in self.tracker.current_params().items()}}
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(payload, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with gio.atomic_open(target, "wb") as fh:
+            torch.save(payload, fh)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -133,6 +133,7 @@ class LossClosure:
         batches: One batch or an iterable of batches (see :func:`as_batch_list`).
 
     Attributes:
+        loss_fn: The loss function.
         params: The trainable parameters, detached (they share the model's storage; nothing writes to them).
         weights: ``n_b / N`` for each batch.
     """
@@ -148,14 +149,29 @@ class LossClosure:
         total = sum(sizes)
         self.weights = [n / total for n in sizes]
         self.num_samples = total
+        self.loss_fn = loss_fn
         self._wrapper = _LossModule(model, loss_fn)
 
-    def batch_loss(self, params: Mapping[str, Tensor], batch: Any) -> Tensor:
-        """Loss of one batch at ``params`` (buffers cloned, so the model's own are never updated)."""
+    def batch_loss(
+        self, params: Mapping[str, Tensor], batch: Any, buffers: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        """Loss of one batch at ``params``.
+
+        Args:
+            params: The point (trainable parameters by name).
+            batch: One batch.
+            buffers: Buffers to use as they are (e.g. re-estimated BatchNorm statistics); ``None`` uses clones
+                of the model's own, so that they are never updated.
+        """
         tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in params.items()}
-        for name, buf in self.model.named_buffers():
-            tensors[f"model.{name}"] = buf.clone()
+        if buffers is None:
+            buffers = {name: buf.clone() for name, buf in self.model.named_buffers()}
+        tensors.update({f"model.{name}": buf for name, buf in buffers.items()})
         return check_loss(torch.func.functional_call(self._wrapper, tensors, (batch,)))
+
+    def with_loss_fn(self, loss_fn: LossFn) -> LossClosure:
+        """The same model and batches with another function of them (e.g. an error rate)."""
+        return LossClosure(self.model, loss_fn, self.batches)
 
     def __call__(self, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """:math:`L(\\theta)` at ``params`` (the model's own weights if ``None``), without building a graph."""
