@@ -5,6 +5,17 @@ iterable of batches, whose size-weighted mean loss is measured. The model is lef
 """
 
 from lightning_geometry.functional.closure import LossClosure, LossFn, measurement
+from lightning_geometry.functional.connectivity import (
+    BezierCurve,
+    PathResult,
+    apply_permutation,
+    bezier_barrier,
+    fit_bezier,
+    interpolation_barrier,
+    permutation_spec,
+    reestimate_bn,
+    weight_matching,
+)
 from lightning_geometry.functional.curvature import (
     DirectionalCurvatureResult,
     EigenResult,
@@ -15,6 +26,7 @@ from lightning_geometry.functional.curvature import (
     top_hessian_eigenvalues,
 )
 from lightning_geometry.functional.hessian import HessianOperator, dense_hessian, hessian_operator
+from lightning_geometry.functional.index import GeometryDescriptors, GeometryIndex, geometry_index
 from lightning_geometry.functional.params import (
     ParamDict,
     filter_normalized_direction,
@@ -31,10 +43,30 @@ from lightning_geometry.functional.sharpness import (
     SharpnessResult,
     average_adaptive_sharpness,
     epsilon_sharpness,
+    sgd_stability_threshold,
     stability_ratio,
     stability_threshold,
     worst_case_sharpness,
 )
+from lightning_geometry.functional.surface import (
+    AreaFraction,
+    ContourWidth,
+    LossSurface,
+    area_fraction,
+    contour_width,
+    loss_along_line,
+    loss_plane,
+    random_directions,
+)
+from lightning_geometry.functional.trajectory import (
+    RandomProjection,
+    TrajectoryStep,
+    TrajectoryTracker,
+    jl_distortion,
+    jl_sketch_dim,
+    pca_projection,
+)
+from lightning_geometry.functional.trend import TheilSenResult, relative_slope, theil_sen
 
 __all__ = [
     # loss closure
@@ -67,7 +99,41 @@ __all__ = [
     "SharpnessResult",
     "average_adaptive_sharpness",
     "epsilon_sharpness",
+    "sgd_stability_threshold",
     "stability_ratio",
     "stability_threshold",
     "worst_case_sharpness",
+    # surfaces and contour width
+    "AreaFraction",
+    "ContourWidth",
+    "LossSurface",
+    "area_fraction",
+    "contour_width",
+    "loss_along_line",
+    "loss_plane",
+    "random_directions",
+    # connectivity
+    "BezierCurve",
+    "PathResult",
+    "apply_permutation",
+    "bezier_barrier",
+    "fit_bezier",
+    "interpolation_barrier",
+    "permutation_spec",
+    "reestimate_bn",
+    "weight_matching",
+    # trajectory
+    "RandomProjection",
+    "TrajectoryStep",
+    "TrajectoryTracker",
+    "jl_distortion",
+    "jl_sketch_dim",
+    "pca_projection",
+    # trends and the geometry index
+    "TheilSenResult",
+    "relative_slope",
+    "theil_sen",
+    "GeometryDescriptors",
+    "GeometryIndex",
+    "geometry_index",
 ]
