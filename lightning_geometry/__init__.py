@@ -15,7 +15,14 @@ from lightning_geometry import functional
 
 __version__ = "0.1.0"
 
-_CALLBACKS = ("CurvatureProbe", "EnergyContour", "ModeConnectivity", "SharpnessEarlyStopping", "TrajectoryMonitor")
+_CALLBACKS = (
+    "CurvatureProbe",
+    "EnergyContour",
+    "GeometryIndex",
+    "ModeConnectivity",
+    "SharpnessEarlyStopping",
+    "TrajectoryMonitor",
+)
 
 __all__ = [*_CALLBACKS, "functional", "__version__"]
 

@@ -7,6 +7,7 @@ from lightning_geometry.callbacks.connectivity import ModeConnectivity, ModeConn
 from lightning_geometry.callbacks.contour import EnergyContour, EnergyContourResult
 from lightning_geometry.callbacks.curvature import CurvatureProbe
 from lightning_geometry.callbacks.early_stopping import SharpnessEarlyStopping, SharpnessStoppingReason
+from lightning_geometry.callbacks.index import GeometryIndex
 from lightning_geometry.callbacks.trajectory import TrajectoryMonitor, TrajectoryResult
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "ModeConnectivity",
     "ModeConnectivityResult",
     "classification_error",
+    # the landscape geometry index
+    "GeometryIndex",
     # stopping
     "SharpnessEarlyStopping",
     "SharpnessStoppingReason",

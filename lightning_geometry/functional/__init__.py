@@ -26,7 +26,7 @@ from lightning_geometry.functional.curvature import (
     top_hessian_eigenvalues,
 )
 from lightning_geometry.functional.hessian import HessianOperator, dense_hessian, hessian_operator
-from lightning_geometry.functional.index import GeometryDescriptors, GeometryIndex, geometry_index
+from lightning_geometry.functional.index import GeometryDescriptors, GeometryIndexResult, geometry_index
 from lightning_geometry.functional.params import (
     ParamDict,
     filter_normalized_direction,
@@ -134,6 +134,6 @@ __all__ = [
     "relative_slope",
     "theil_sen",
     "GeometryDescriptors",
-    "GeometryIndex",
+    "GeometryIndexResult",
     "geometry_index",
 ]

@@ -14,20 +14,22 @@ Routes (``route=``):
     Reverse-over-reverse with the gradient graph built once per operator: :math:`g = \nabla L` is computed with
     ``create_graph=True`` and every product is one ``torch.autograd.grad(g, θ, v, retain_graph=True)``. It costs
     one backward pass through the gradient graph per product, and keeps the graph (about two activations' worth
-    per batch) alive while the operator lives. Measured on 2 CPU cores, full-batch digits: 1.2–1.8 gradient
-    costs per product on MLPs, 2.1 on a small CNN — the cheapest route here (``benchmarks/curvature.py``).
+    per batch) alive while the operator lives. Measured on 2 CPU cores, full-batch digits
+    (``benchmarks/RESULTS.md``): 1.96 gradient costs per product on the MLP 64-256-256-10, 2.10 on a small CNN —
+    the cheapest route here, level with PyHessian's reused graph (2.04, 2.12), against 3.1–3.4 for a fresh
+    double backward per product.
 ``"func"``
     Forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad`` over ``functional_call`` (the route of
     curvlinops and the torch.func tutorial). No graph is kept between products, so memory stays at one batch's
-    worth whatever the number of batches, at 3.1–3.3 gradient costs per product here. Operators without a
-    forward-mode rule in their backward (``mse_loss`` in torch 2.13) fall back to ``vjp`` of ``grad``, which
-    gives the same product because :math:`H` is symmetric. Use it when the probe data
-    is large or the model is, and on accelerators where the extra forward pass is cheap.
+    worth whatever the number of batches, at 3.6 gradient costs per product here plus a fixed ~1.7 ms per
+    product for the transforms. Use it when the probe data or the model is large, and on accelerators where
+    the extra forward pass is cheap. Operators without a forward-mode rule in their backward (``mse_loss`` in
+    torch 2.13) fall back to ``vjp`` of ``grad``, which gives the same product because :math:`H` is symmetric.
 
 :meth:`HessianOperator.matmat` applies the operator to several vectors; ``batched=True`` vectorises them
-(``is_grads_batched`` on the graph route, ``vmap`` on the func route). On CPU the vectorised products were
-slower per product than a loop over the reused graph (2.5 and 5.4 gradient costs, against 1.8), so loops are the
-default; the option exists for accelerators.
+(``is_grads_batched`` on the graph route, ``vmap`` on the func route). Over 10 vectors on CPU that cost 2.7 and
+2.5 gradients per product on the MLP (2.55, 2.57 on the CNN): it beats the func loop, not the graph loop, so
+loops over the reused graph are the default and the option is there for accelerators and dense references.
 """
 
 from __future__ import annotations
@@ -179,17 +181,21 @@ def hessian_operator(
         yield HessianOperator(closure, route)
 
 
-def dense_hessian(model: nn.Module, loss_fn: LossFn, batches: Any, train_mode: bool = False) -> Tensor:
+def dense_hessian(
+    model: nn.Module, loss_fn: LossFn, batches: Any, train_mode: bool = False, chunk_size: int = 64
+) -> Tensor:
     """The full Hessian matrix of the loss closure, in the flattened order of the trainable parameters.
 
-    Costs one product per parameter: only for references on small models (tests, benchmarks).
+    Built from Hessian-vector products with the unit vectors, ``chunk_size`` columns at a time on the reused
+    gradient graph, so memory stays at one graph plus ``chunk_size`` columns (``torch.func.hessian`` would hold
+    every column's activations at once). Costs one product per parameter: for references on small models.
     """
-    closure = LossClosure(model, loss_fn, batches)
-    with measurement(model, train_mode):
-        flat = flatten_params(closure.params)
-
-        def flat_loss(vec: Tensor) -> Tensor:
-            params = unflatten_params(vec, closure.params)
-            return sum(w * closure.batch_loss(params, b) for w, b in zip(closure.weights, closure.batches))
-
-        return torch.func.hessian(flat_loss)(flat).detach()
+    with hessian_operator(model, loss_fn, batches, train_mode=train_mode) as operator:
+        like = operator.params
+        first = next(iter(like.values()))
+        eye = torch.eye(operator.dim, dtype=first.dtype, device=first.device)
+        columns = []
+        for start in range(0, operator.dim, chunk_size):
+            units = [unflatten_params(e, like) for e in eye[start : start + chunk_size]]
+            columns += [flatten_params(hv) for hv in operator.matmat(units, batched=True)]
+        return torch.stack(columns, dim=1)

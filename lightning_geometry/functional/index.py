@@ -6,9 +6,9 @@ rational transform with a documented reference scale :math:`s` (the value that m
 ==============  ===================================================  ==============================  =========
 part            descriptor                                           transform                        scale
 ==============  ===================================================  ==============================  =========
-curvature       stability ratio :math:`r = \lambda_{\max}/((2+2\beta)/\eta)`   :math:`1/(1 + r/s)`       0.5
-                (or, for adaptive optimizers, average adaptive
-                sharpness :math:`a` in loss units)                   :math:`1/(1 + a/s)`              0.05
+curvature       average adaptive sharpness :math:`a` (loss units,    :math:`1/(1 + a/s)`              0.001
+                :math:`\rho = 0.05`), or, when it is missing, the
+                stability ratio :math:`r = \lambda_{\max}/((2+2\beta)/\eta)`   :math:`1/(1 + r/s)`       0.5
 continuity      displacement CV :math:`v` and mean turning cosine    :math:`\tfrac12\,[1/(1+v/s)`     0.5
                 :math:`\bar c` between successive displacements      :math:`+ (1+\bar c)/2]`
 width           mean contour width :math:`w` (filter-normalized      :math:`w/(w + s)`                0.5
@@ -16,15 +16,24 @@ width           mean contour width :math:`w` (filter-normalized      :math:`w/(w
 connectivity    interpolation barrier :math:`b` (loss units)         :math:`1/(1 + \max(b,0)/s)`      0.1
 ==============  ===================================================  ==============================  =========
 
-The index is the weighted arithmetic mean :math:`I = \sum_p w_p x_p / \sum_p w_p` of the parts.
+The index is the weighted arithmetic mean :math:`I = \sum_p w_p x_p / \sum_p w_p` of the parts, with default
+weights curvature 1, continuity 0.5, width 1, connectivity 1.
 
 Why these choices. Curvature enters scale-aware, never as raw :math:`\lambda_{\max}`: raw sharpness changes under
 reparametrisation (Dinh et al. 2017) and tracks the learning rate more than generalisation (Andriushchenko et al.
-2023); the stability ratio says where a run sits against the edge of stability (Cohen et al. 2021), and adaptive
-sharpness is the reparametrisation-invariant choice for optimizers whose stability threshold does not apply to
-the raw Hessian (Kwon et al. 2021). Rational transforms keep every part strictly inside (0, 1), so one extreme
-descriptor cannot zero the index. The weights default to equal; they are a hypothesis about generalisation, to be
-validated against test accuracy and seed-to-seed variance (README, "Landscape geometry index").
+2023). Adaptive sharpness (Kwon et al. 2021) is invariant to those rescalings and applies to every optimizer, so
+it comes first; the stability ratio says where an SGD run sits against the edge of stability (Cohen et al. 2021)
+and is the fallback. Rational transforms keep every part strictly inside (0, 1), so one extreme descriptor
+cannot zero the index.
+
+The defaults were set by the validation study (``lightning-geometry table1``: the paper's Table 1 and an SGD
+learning-rate sweep on digits, 3 seeds each, 30 runs; numbers in the README). Over those runs the Spearman
+correlation with test accuracy was +0.80 for contour width, +0.68 for connectivity, −0.72 for adaptive
+sharpness, but +0.30 for the stability ratio (it follows the learning rate) and −0.58 for continuity (small
+learning rates draw straight, regular paths and stop short of a good minimum). Hence adaptive sharpness first,
+its scale at the values these runs show (1e-4 to 1e-2), and continuity at half weight: equal weights with the
+stability ratio gave ρ = 0.57, these defaults 0.77. Thirty runs of one small dataset are a hypothesis, not a
+law; refit the weights on your own runs with ``weights=``.
 
 A missing descriptor is never silently skipped: :func:`geometry_index` returns ``value=None`` and names what is
 missing, unless ``allow_partial=True`` asks explicitly for a score over the parts that exist.
@@ -40,13 +49,13 @@ PARTS = ("curvature", "continuity", "width", "connectivity")
 
 DEFAULT_SCALES: dict[str, float] = {
     "stability_ratio": 0.5,
-    "adaptive_sharpness": 0.05,
+    "adaptive_sharpness": 0.001,
     "displacement_cv": 0.5,
     "contour_width": 0.5,
     "barrier": 0.1,
 }
 
-DEFAULT_WEIGHTS: dict[str, float] = {part: 1.0 for part in PARTS}
+DEFAULT_WEIGHTS: dict[str, float] = {"curvature": 1.0, "continuity": 0.5, "width": 1.0, "connectivity": 1.0}
 
 
 @dataclass
@@ -54,9 +63,10 @@ class GeometryDescriptors:
     """What the callbacks measured for one run; ``None`` where a descriptor was not measured.
 
     Attributes:
-        stability_ratio: :math:`\\lambda_{\\max}` over the optimizer's stability threshold (CurvatureProbe).
-        adaptive_sharpness: Average adaptive sharpness (CurvatureProbe), used when the stability ratio does not
-            apply (adaptive optimizers) or is missing.
+        stability_ratio: :math:`\\lambda_{\\max}` over the optimizer's stability threshold (CurvatureProbe);
+            the curvature part's fallback when adaptive sharpness is missing.
+        adaptive_sharpness: Average adaptive sharpness at :math:`\\rho = 0.05` (CurvatureProbe), the curvature
+            part's first choice.
         displacement_cv: Coefficient of variation of displacements over the window (TrajectoryMonitor).
         turning_cosine: Mean cosine between successive displacements (TrajectoryMonitor).
         contour_width: Mean contour width around the final weights (EnergyContour).
@@ -72,7 +82,7 @@ class GeometryDescriptors:
 
 
 @dataclass
-class GeometryIndex:
+class GeometryIndexResult:
     """The index and its breakdown.
 
     Attributes:
@@ -115,12 +125,12 @@ def _decreasing(x: float, scale: float) -> float:
 def _parts(d: GeometryDescriptors, scales: Mapping[str, float]) -> tuple[dict[str, float], list[str]]:
     parts: dict[str, float] = {}
     missing: list[str] = []
-    if d.stability_ratio is not None:
-        parts["curvature"] = _decreasing(d.stability_ratio, scales["stability_ratio"])
-    elif d.adaptive_sharpness is not None:
+    if d.adaptive_sharpness is not None:
         parts["curvature"] = _decreasing(d.adaptive_sharpness, scales["adaptive_sharpness"])
+    elif d.stability_ratio is not None:
+        parts["curvature"] = _decreasing(d.stability_ratio, scales["stability_ratio"])
     else:
-        missing.append("curvature (stability_ratio or adaptive_sharpness)")
+        missing.append("curvature (adaptive_sharpness or stability_ratio)")
     if d.displacement_cv is not None and d.turning_cosine is not None:
         regularity = _decreasing(d.displacement_cv, scales["displacement_cv"])
         parts["continuity"] = 0.5 * (regularity + (1.0 + d.turning_cosine) / 2.0)
@@ -143,29 +153,29 @@ def geometry_index(
     weights: Mapping[str, float] | None = None,
     scales: Mapping[str, float] | None = None,
     allow_partial: bool = False,
-) -> GeometryIndex:
+) -> GeometryIndexResult:
     """Combine the descriptors into the landscape geometry index (transforms in the module docstring).
 
     Args:
         descriptors: The measured descriptors.
         weights: Weight per part (``curvature``, ``continuity``, ``width``, ``connectivity``); parts left out
-            weigh 0. Default: equal weights.
+            weigh 0. Default: :data:`DEFAULT_WEIGHTS` (curvature 1, continuity 0.5, width 1, connectivity 1).
         scales: Override some reference scales of :data:`DEFAULT_SCALES`.
         allow_partial: Score over the available parts (renormalizing their weights) instead of returning
             ``value=None`` when a weighted part is missing.
 
     Returns:
-        A :class:`GeometryIndex`; ``missing`` lists the weighted parts that could not be computed.
+        A :class:`GeometryIndexResult`; ``missing`` lists the weighted parts that could not be computed.
 
     Raises:
         ValueError: On bad weights (see :func:`check_weights`) or a non-positive scale.
 
     Example:
-        >>> d = GeometryDescriptors(stability_ratio=0.5, displacement_cv=0.5, turning_cosine=1.0,
+        >>> d = GeometryDescriptors(adaptive_sharpness=0.001, displacement_cv=0.5, turning_cosine=1.0,
         ...                         contour_width=0.5, barrier=0.1)
         >>> result = geometry_index(d)
-        >>> round(result.value, 6), result.parts["continuity"]
-        (0.5625, 0.75)
+        >>> result.parts["curvature"], result.parts["continuity"], round(result.value, 6)
+        (0.5, 0.75, 0.535714)
     """
     normalized = check_weights(DEFAULT_WEIGHTS if weights is None else weights)
     merged = {**DEFAULT_SCALES, **(scales or {})}
@@ -178,8 +188,8 @@ def geometry_index(
     missing = [m for m in missing if m.split(" ")[0] in normalized]
     used = {p: w for p, w in normalized.items() if p in parts}
     if (missing and not allow_partial) or not used:
-        return GeometryIndex(None, parts, normalized, missing)
+        return GeometryIndexResult(None, parts, normalized, missing)
     total = sum(used.values())
     value = sum(w * parts[p] for p, w in used.items()) / total
-    return GeometryIndex(value if math.isfinite(value) else None, parts, {p: w / total for p, w in used.items()},
+    return GeometryIndexResult(value if math.isfinite(value) else None, parts, {p: w / total for p, w in used.items()},
                          missing)

@@ -315,6 +315,8 @@ class TrajectoryTracker:
         self.path_length = 0.0
         self.index = 0
         self.recent: list[float] = []
+        self.cosine_sum = 0.0
+        self.cosine_count = 0
         self.sketches = torch.zeros(self.max_points, self.sketch_dim, dtype=torch.float64)
         self.sketch_index = torch.full((self.max_points,), -1, dtype=torch.long)
         self.num_stored = 0
@@ -406,6 +408,9 @@ class TrajectoryTracker:
             cos = _div(float(delta64 @ self.prev_delta.double()), disp * self.prev_delta_norm)
         self.path_length += disp
         self.recent = (self.recent + [disp])[-self.window :]
+        if math.isfinite(cos):
+            self.cosine_sum += cos
+            self.cosine_count += 1
         prev_norm = float(self.prev.double().norm())
         layer, layer_rel = {}, {}
         for group, names in layer_groups(self.names).items():
@@ -432,6 +437,16 @@ class TrajectoryTracker:
         self.prev_delta_norm = disp
         self.prev = theta.clone()
         return step
+
+    @property
+    def mean_update_cosine(self) -> float:
+        """Mean cosine between successive displacements over the whole trajectory (nan before two of them)."""
+        return self.cosine_sum / self.cosine_count if self.cosine_count else math.nan
+
+    @property
+    def displacement_cv(self) -> float:
+        """Coefficient of variation of the displacements in the current window."""
+        return coefficient_of_variation(self.recent)
 
     def points(self) -> tuple[Tensor, Tensor]:
         """The sketched points kept so far and their point indices (the latest point is always included).
@@ -471,6 +486,8 @@ class TrajectoryTracker:
             "path_length": self.path_length,
             "index": self.index,
             "recent": list(self.recent),
+            "cosine_sum": self.cosine_sum,
+            "cosine_count": self.cosine_count,
             "sketches": self.sketches,
             "sketch_index": self.sketch_index,
             "num_stored": self.num_stored,
@@ -501,6 +518,8 @@ class TrajectoryTracker:
         self.path_length = float(state["path_length"])
         self.index = int(state["index"])
         self.recent = [float(v) for v in state.get("recent", [])]
+        self.cosine_sum = float(state.get("cosine_sum", 0.0))
+        self.cosine_count = int(state.get("cosine_count", 0))
         self.sketches = state["sketches"].clone()
         self.sketch_index = state["sketch_index"].clone()
         self.num_stored = int(state["num_stored"])

@@ -9,17 +9,22 @@ import pytest
 from lightning_geometry.functional.index import GeometryDescriptors, geometry_index
 
 FULL = GeometryDescriptors(
-    stability_ratio=1.5, displacement_cv=0.25, turning_cosine=-0.2, contour_width=2.0, barrier=0.3
+    stability_ratio=1.5, adaptive_sharpness=0.003, displacement_cv=0.25, turning_cosine=-0.2, contour_width=2.0,
+    barrier=0.3,
 )
 
 
 def test_parts_follow_the_documented_transforms() -> None:
     result = geometry_index(FULL)
-    assert result.parts["curvature"] == pytest.approx(1 / (1 + 1.5 / 0.5))
+    assert result.parts["curvature"] == pytest.approx(1 / (1 + 0.003 / 0.001))  # adaptive sharpness first
     assert result.parts["continuity"] == pytest.approx(0.5 * (1 / (1 + 0.25 / 0.5) + (1 - 0.2) / 2))
     assert result.parts["width"] == pytest.approx(2.0 / 2.5)
     assert result.parts["connectivity"] == pytest.approx(1 / (1 + 0.3 / 0.1))
-    assert result.value == pytest.approx(sum(result.parts.values()) / 4)
+    p = result.parts
+    expected = (p["curvature"] + 0.5 * p["continuity"] + p["width"] + p["connectivity"]) / 3.5
+    assert result.value == pytest.approx(expected)
+    assert result.weights == pytest.approx({"curvature": 1 / 3.5, "continuity": 0.5 / 3.5, "width": 1 / 3.5,
+                                            "connectivity": 1 / 3.5})
     assert result.missing == []
 
 
@@ -29,8 +34,8 @@ def test_weights_are_normalized_and_parts_left_out_weigh_nothing() -> None:
     assert result.value == pytest.approx(0.75 * result.parts["curvature"] + 0.25 * result.parts["width"])
 
 
-def test_adaptive_sharpness_stands_in_for_the_stability_ratio() -> None:
-    d = GeometryDescriptors(adaptive_sharpness=0.05, displacement_cv=0.0, turning_cosine=1.0, contour_width=1.0,
+def test_stability_ratio_stands_in_for_adaptive_sharpness() -> None:
+    d = GeometryDescriptors(stability_ratio=0.5, displacement_cv=0.0, turning_cosine=1.0, contour_width=1.0,
                             barrier=0.0)
     result = geometry_index(d)
     assert result.parts["curvature"] == pytest.approx(0.5)
@@ -39,7 +44,7 @@ def test_adaptive_sharpness_stands_in_for_the_stability_ratio() -> None:
 
 
 def test_each_part_is_monotone_in_its_descriptor() -> None:
-    flatter = GeometryDescriptors(stability_ratio=0.1, displacement_cv=0.1, turning_cosine=0.9, contour_width=5.0,
+    flatter = GeometryDescriptors(adaptive_sharpness=0.0001, displacement_cv=0.1, turning_cosine=0.9, contour_width=5.0,
                                   barrier=0.0)
     assert all(geometry_index(flatter).parts[p] > geometry_index(FULL).parts[p] for p in geometry_index(FULL).parts)
     assert 0 < geometry_index(FULL).value < geometry_index(flatter).value < 1
@@ -57,7 +62,7 @@ def test_missing_inputs_give_no_silent_partial_score() -> None:
 
 
 def test_non_finite_descriptor_gives_no_value() -> None:
-    result = geometry_index(GeometryDescriptors(stability_ratio=math.inf, displacement_cv=0.1, turning_cosine=0.0,
+    result = geometry_index(GeometryDescriptors(adaptive_sharpness=math.inf, displacement_cv=0.1, turning_cosine=0.0,
                                                 contour_width=1.0, barrier=0.0))
     assert math.isnan(result.parts["curvature"]) and result.value is None
 
