@@ -33,6 +33,10 @@ hidden layer's permutation :math:`P_\ell` in turn, holding the others fixed, sol
 over every tensor that the permutation touches (its layer's weights and bias as rows, BatchNorm parameters, the
 next layer's weights as columns), and sweep until no permutation changes. A barrier that vanishes after alignment
 says "same basin up to a permutation of units"; one that persists says "different basins".
+
+The functions here take a :class:`~lightning_geometry.functional.closure.LossClosure` and evaluate the model in
+the mode it is in. Call them inside :func:`~lightning_geometry.functional.closure.measurement` (eval mode, global
+RNG streams restored), as the callbacks do, unless you mean to measure with dropout active.
 """
 
 from __future__ import annotations

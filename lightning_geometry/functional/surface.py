@@ -28,6 +28,10 @@ flagged, never dropped.
 
 The 2-D counterpart is the fraction of a plane's square that lies under the threshold, integrated exactly for the
 piecewise-linear interpolant of the grid (two triangles per cell), so the error is second order in the spacing.
+
+The functions here take a :class:`~lightning_geometry.functional.closure.LossClosure` and evaluate the model in
+the mode it is in. Call them inside :func:`~lightning_geometry.functional.closure.measurement` (eval mode, global
+RNG streams restored), as the callbacks do, unless you mean to measure with dropout active.
 """
 
 from __future__ import annotations
