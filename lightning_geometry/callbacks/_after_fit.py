@@ -13,13 +13,12 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
 from lightning_geometry import io as gio
 from lightning_geometry import tensorboard as tb
-from lightning_geometry.callbacks._base import GeometryConfigurationError
+from lightning_geometry.callbacks._base import GeometryConfigurationError, check_unsharded
 from lightning_geometry.functional.closure import as_batch_list, measurement
 from lightning_geometry.probe import LossFn, ProbeData, resolve_loss_fn
 
@@ -182,12 +181,7 @@ class AfterFitCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        name = type(trainer.strategy).__name__
-        if "FSDP" in name or "DeepSpeed" in name:
-            raise MisconfigurationException(
-                f"{type(self).__name__} does not support sharded strategies ({name}): every rank must hold the "
-                "whole model. Use DDP or a single device."
-            )
+        check_unsharded(trainer, self)
         if not trainer.fast_dev_run:
             self._loss_fn = resolve_loss_fn(pl_module, self.loss_fn)
             self._probe.check(trainer)

@@ -106,6 +106,20 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
         raise GeometryConfigurationError(f"`{name}` must be one of {choices}, got {value!r}")
 
 
+def check_unsharded(trainer: pl.Trainer, callback: Callback) -> None:
+    """Refuse sharded strategies (FSDP, DeepSpeed): every rank must hold the whole model, as for SWA.
+
+    Raises:
+        MisconfigurationException: Naming the callback and the strategy.
+    """
+    name = type(trainer.strategy).__name__
+    if "FSDP" in name or "DeepSpeed" in name:
+        raise MisconfigurationException(
+            f"{type(callback).__name__} does not support sharded strategies ({name}): every rank must hold the "
+            "whole model. Use DDP or a single device."
+        )
+
+
 class GeometryCallback(Callback):
     r"""Base class of the live geometry probes (see the module docstring for cadence, budget and context).
 
@@ -369,12 +383,7 @@ class GeometryCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        name = type(trainer.strategy).__name__
-        if "FSDP" in name or "DeepSpeed" in name:
-            raise MisconfigurationException(
-                f"{type(self).__name__} does not support sharded strategies ({name}): every rank must hold the "
-                "whole model. Use DDP or a single device."
-            )
+        check_unsharded(trainer, self)
         if self.needs_probe_data and not trainer.fast_dev_run:
             self._loss_fn = resolve_loss_fn(pl_module, self.loss_fn)
             self._probe.check(trainer)
