@@ -544,12 +544,15 @@ def rank_one_rises(epoch: int, rank: int) -> float:
     return 1.0 if rank == 0 else 1.0 + epoch
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn on CPU")
+@pytest.mark.skipif(sys.platform == "win32", reason="ddp_fork on CPU")
 def test_ddp_one_rank_rises_all_stop(tmp_path: Path) -> None:
+    # ddp_fork, not ddp_spawn: with spawn, a child aborted at interpreter exit ("terminate called without an
+    # active exception", SIGABRT) in about 1 run in 8 on this machine, after both ranks had finished the fit and
+    # written their reports; fork showed no such exit in 60 runs.
     stopper = SharpnessEarlyStopping(criteria="trend", warmup=0, window=3, patience=1, wait_for_plateau=False)
     trainer = make_trainer(
         tmp_path, [ScriptedProbe(rank_one_rises), stopper, RankReport(str(tmp_path))], max_epochs=8,
-        strategy="ddp_spawn", accelerator="cpu", devices=2,
+        strategy="ddp_fork", accelerator="cpu", devices=2,
     )
     trainer.fit(SGDModel())
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
