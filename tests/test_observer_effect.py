@@ -6,7 +6,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_geometry.callbacks import CurvatureProbe, TrajectoryMonitor
+from lightning_geometry.callbacks import (
+    CurvatureProbe,
+    EnergyContour,
+    GeometryIndex,
+    ModeConnectivity,
+    SharpnessEarlyStopping,
+    TrajectoryMonitor,
+)
 from tests.helpers.models import DigitsMLP
 
 
@@ -34,27 +41,37 @@ def _assert_identical(a, b):
                 assert torch.equal(va, vb) or torch.allclose(va, vb, equal_nan=True, rtol=0, atol=0), (key, name)
             else:
                 assert va == vb
-    assert torch.equal(torch.get_rng_state(), torch.get_rng_state())
 
 
-def _callbacks(every=True):
-    if every:  # make every probe run (the budget would skip most of them on this tiny run)
-        return [
-            CurvatureProbe(every_n_epochs=1, max_iter=8, trace_samples=6, num_directions=3, sharpness_samples=3),
-            TrajectoryMonitor(every_n_epochs=1),
-        ]
-    return [CurvatureProbe(), TrajectoryMonitor()]
+def _callbacks(every=True, suite=False):
+    if not every:
+        return [CurvatureProbe(), TrajectoryMonitor()]
+    live = [  # make every probe run (the budget would skip most of them on this tiny run)
+        CurvatureProbe(every_n_epochs=1, max_iter=8, trace_samples=6, num_directions=3, sharpness_samples=3),
+        TrajectoryMonitor(every_n_epochs=1),
+    ]
+    if not suite:
+        return live
+    return live + [  # every callback of the package: the stopper watches, the after-fit ones measure at the end
+        SharpnessEarlyStopping(),
+        EnergyContour(num_points=5, line_points=5, num_directions=2, save=False),
+        ModeConnectivity(reference="init", num_points=5, bezier_steps=3, save=False),
+        GeometryIndex(),
+    ]
 
 
-@pytest.mark.parametrize("every", [True, False], ids=["every_epoch", "default_budget"])
-def test_bit_identical_params_buffers_and_optimizer_state(every):
+@pytest.mark.parametrize(("every", "suite"), [(True, False), (False, False), (True, True)],
+                         ids=["every_epoch", "default_budget", "all_callbacks"])
+def test_bit_identical_params_buffers_and_optimizer_state(every, suite):
     plain = _fit([])
     rng_plain = torch.get_rng_state()
-    cbs = _callbacks(every)
+    cbs = _callbacks(every, suite)
     probed = _fit(cbs)
     rng_probed = torch.get_rng_state()
     if every:
         assert cbs[0].num_probes == 3 and cbs[1].num_probes == 3
+    if suite:
+        assert cbs[-1].result.value is not None  # the after-fit callbacks and the index really ran
     _assert_identical(plain, probed)
     assert torch.equal(rng_plain, rng_probed)  # the global stream after the fit is the same too
     assert probed[1].training
