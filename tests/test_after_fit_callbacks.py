@@ -21,14 +21,6 @@ from lightning_geometry.callbacks.contour import EnergyContour
 from lightning_geometry.functional.connectivity import apply_permutation, permutation_spec
 from tests.helpers.models import DigitsMLP, digits_tensors
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 SMALL_CONTOUR = {"radius": 0.5, "num_points": 5, "line_points": 5, "num_directions": 2}
 SMALL_CONN = {"num_points": 5, "bezier_steps": 5}

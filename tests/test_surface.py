@@ -22,15 +22,6 @@ from lightning_geometry.functional.surface import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Bowl(nn.Module):
     r"""Parameters ``w`` (n,) and ``v`` (2, 2); loss :math:`c + \tfrac12 (x - x^*)^\top A (x - x^*)`, x = [w, v]."""
 
@@ -273,19 +264,19 @@ def test_random_directions_private_seeded_filter_normalized():
 def test_bad_arguments_raise_naming_the_value():
     model, closure, q, lam = make_bowl([1.0] * 6)
     d = as_dir(model, q[:, 0])
-    with pytest.raises(ValueError, match=r"delta must be a finite number > 0, got -1"):
+    with pytest.raises(ValueError, match=r"delta must be a positive finite number, got -1"):
         contour_width(closure, [d], delta=-1.0)
-    with pytest.raises(ValueError, match=r"delta must be a finite number > 0, got 0"):
+    with pytest.raises(ValueError, match=r"delta must be a positive finite number, got 0"):
         contour_width(closure, [d], delta=0.0)
-    with pytest.raises(ValueError, match=r"rel must be a finite number > 0, got -0.5"):
+    with pytest.raises(ValueError, match=r"rel must be a positive finite number, got -0.5"):
         contour_width(closure, [d], rel=-0.5)
     with pytest.raises(ValueError, match="exactly one of delta and rel"):
         contour_width(closure, [d], delta=1.0, rel=1.0)
-    with pytest.raises(ValueError, match=r"max_radius must be a finite number > 0, got 0"):
+    with pytest.raises(ValueError, match=r"max_radius must be a positive finite number, got 0"):
         contour_width(closure, [d], delta=1.0, max_radius=0)
     with pytest.raises(ValueError, match="directions must hold at least one"):
         contour_width(closure, [], delta=1.0)
-    with pytest.raises(ValueError, match=r"radius must be a finite number > 0, got -1"):
+    with pytest.raises(ValueError, match=r"radius must be a positive finite number, got -1"):
         symmetric_grid(-1.0, 5)
     with pytest.raises(ValueError, match=r"num_points must be >= 3, got 2"):
         symmetric_grid(1.0, 2)

@@ -10,7 +10,6 @@ the README), and log it with its breakdown. This callback measures nothing itsel
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 
 import lightning.pytorch as pl
@@ -25,9 +24,9 @@ from lightning_geometry.callbacks.contour import EnergyContour
 from lightning_geometry.callbacks.curvature import CurvatureProbe
 from lightning_geometry.callbacks.trajectory import TrajectoryMonitor
 from lightning_geometry.functional.index import (
-    DEFAULT_SCALES,
     GeometryDescriptors,
     GeometryIndexResult,
+    check_scales,
     check_weights,
     geometry_index,
 )
@@ -87,11 +86,7 @@ class GeometryIndex(Callback):
     ) -> None:
         if weights is not None:
             check_weights(weights)
-        for name, value in (scales or {}).items():
-            if name not in DEFAULT_SCALES:
-                raise ValueError(f"scales has unknown descriptor {name!r}; known: {list(DEFAULT_SCALES)}")
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"scales[{name!r}] must be a positive number, got {value!r}")
+        check_scales(scales)
         self.weights = dict(weights) if weights is not None else None
         self.scales = dict(scales) if scales is not None else None
         self.allow_partial = bool(allow_partial)

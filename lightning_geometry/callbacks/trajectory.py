@@ -206,7 +206,8 @@ class TrajectoryMonitor(GeometryCallback):
     def _save_snapshot(self, trainer: pl.Trainer, index: int) -> None:
         if self.snapshot_dir is None or not trainer.is_global_zero:
             return
-        target = Path(self.snapshot_dir) / f"point={index:05d}-epoch={trainer.current_epoch}-step={trainer.global_step}.pt"
+        name = f"point={index:05d}-epoch={trainer.current_epoch}-step={trainer.global_step}.pt"
+        target = Path(self.snapshot_dir) / name
         payload = {"index": index, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
                    "params": {k: v.clone() for k, v in self.tracker.current_params().items()}}
         with gio.atomic_open(target, "wb") as fh:

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_geometry.functional._checks import check_positive, check_positive_int
 from lightning_geometry.functional.closure import LossClosure, LossFn, as_batch_list
 from lightning_geometry.functional.params import ParamDict, check_same_structure, make_generator
 
@@ -456,10 +457,8 @@ def fit_bezier(
         ValueError: If ``steps < 1``, ``lr <= 0``, ``optimizer`` is unknown, ``num_points < 3``, or the
             dictionaries differ in structure (naming the first mismatch).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    check_positive_int("steps", steps)
+    check_positive("lr", lr)
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     _path_ts(num_points)
@@ -533,10 +532,6 @@ class PermutationSpec:
 
     perms: dict[str, list[tuple[str, int, int]]]
     sizes: dict[str, int]
-
-    def axes_of(self, name: str) -> list[tuple[str, int, int]]:
-        """``(perm name, axis, block)`` for every permutation acting on tensor ``name``."""
-        return [(p, ax, blk) for p, entries in self.perms.items() for (n, ax, blk) in entries if n == name]
 
 
 _PERMUTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

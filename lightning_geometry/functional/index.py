@@ -118,6 +118,20 @@ def check_weights(weights: Mapping[str, float]) -> dict[str, float]:
     return {name: float(w) / total for name, w in weights.items() if w > 0}
 
 
+def check_scales(scales: Mapping[str, float] | None) -> dict[str, float]:
+    """Validate overrides of the reference scales and return them merged into :data:`DEFAULT_SCALES`.
+
+    Raises:
+        ValueError: On an unknown descriptor name or a scale that is not a positive finite number.
+    """
+    for name, value in (scales or {}).items():
+        if name not in DEFAULT_SCALES:
+            raise ValueError(f"scales has unknown descriptor {name!r}; known: {list(DEFAULT_SCALES)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"scales[{name!r}] must be a positive number, got {value!r}")
+    return {**DEFAULT_SCALES, **(scales or {})}
+
+
 def _decreasing(x: float, scale: float) -> float:
     return 1.0 / (1.0 + max(x, 0.0) / scale) if math.isfinite(x) else math.nan
 
@@ -178,13 +192,7 @@ def geometry_index(
         (0.5, 0.75, 0.535714)
     """
     normalized = check_weights(DEFAULT_WEIGHTS if weights is None else weights)
-    merged = {**DEFAULT_SCALES, **(scales or {})}
-    for name, s in merged.items():
-        if name not in DEFAULT_SCALES:
-            raise ValueError(f"scales has unknown descriptor {name!r}; known: {list(DEFAULT_SCALES)}")
-        if not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
-            raise ValueError(f"scales[{name!r}] must be a positive number, got {s!r}")
-    parts, missing = _parts(descriptors, merged)
+    parts, missing = _parts(descriptors, check_scales(scales))
     missing = [m for m in missing if m.split(" ")[0] in normalized]
     used = {p: w for p, w in normalized.items() if p in parts}
     if (missing and not allow_partial) or not used:

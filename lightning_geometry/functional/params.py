@@ -46,11 +46,6 @@ def trainable_parameters(model: nn.Module) -> ParamDict:
     return params
 
 
-def detached_copy(params: Mapping[str, Tensor]) -> ParamDict:
-    """Return a snapshot: each tensor detached and cloned, so later training steps do not change it."""
-    return {name: t.detach().clone() for name, t in params.items()}
-
-
 def check_same_structure(a: Mapping[str, Tensor], b: Mapping[str, Tensor], what: str = "direction") -> None:
     """Raise a ``ValueError`` naming the first key, shape, dtype or device that differs between ``a`` and ``b``."""
     if list(a) != list(b):
@@ -84,11 +79,6 @@ def param_norm(a: Mapping[str, Tensor]) -> Tensor:
 def param_axpy(alpha: float | Tensor, x: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> ParamDict:
     r"""Return :math:`y + \alpha x` as a new dictionary."""
     return {k: y[k] + alpha * x[k] for k in y}
-
-
-def param_scale(alpha: float | Tensor, x: Mapping[str, Tensor]) -> ParamDict:
-    r"""Return :math:`\alpha x` as a new dictionary."""
-    return {k: alpha * v for k, v in x.items()}
 
 
 def param_sub(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> ParamDict:

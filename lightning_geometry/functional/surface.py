@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_geometry.functional._checks import check_positive
 from lightning_geometry.functional.closure import LossClosure
 from lightning_geometry.functional.params import (
     DirectionIgnore,
@@ -73,14 +74,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------------- validation
-def _check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
 def check_threshold_args(delta: float | None, rel: float | None) -> None:
     """Check that exactly one of ``delta`` (absolute) and ``rel`` (relative) is given and that it is > 0.
 
@@ -90,9 +83,9 @@ def check_threshold_args(delta: float | None, rel: float | None) -> None:
     if (delta is None) == (rel is None):
         raise ValueError(f"give exactly one of delta and rel, got delta={delta!r}, rel={rel!r}")
     if delta is not None:
-        _check_positive("delta", delta)
+        check_positive("delta", delta)
     if rel is not None:
-        _check_positive("rel", rel)
+        check_positive("rel", rel)
 
 
 def check_grid_args(radius: float, num_points: int) -> None:
@@ -102,7 +95,7 @@ def check_grid_args(radius: float, num_points: int) -> None:
         ValueError: If ``radius <= 0`` or ``num_points < 3``.
         TypeError: If ``num_points`` is not an int.
     """
-    _check_positive("radius", radius)
+    check_positive("radius", radius)
     if isinstance(num_points, bool) or not isinstance(num_points, int):
         raise TypeError(f"num_points must be an int, got {type(num_points).__name__}")
     if num_points < 3:
@@ -465,9 +458,10 @@ def contour_width(
         0.5
     """
     check_threshold_args(delta, rel)
-    max_radius = _check_positive("max_radius", max_radius)
+    check_positive("max_radius", max_radius)
+    max_radius = float(max_radius)
     if initial_step is not None:
-        _check_positive("initial_step", initial_step)
+        check_positive("initial_step", initial_step)
     if rtol < 0 or xtol < 0 or rtol == xtol == 0:
         raise ValueError(f"rtol and xtol must be >= 0 and not both 0, got rtol={rtol!r}, xtol={xtol!r}")
     directions = list(directions)
