@@ -15,9 +15,9 @@ Routes (``route=``):
     ``create_graph=True`` and every product is one ``torch.autograd.grad(g, θ, v, retain_graph=True)``. It costs
     one backward pass through the gradient graph per product, and keeps the graph (about two activations' worth
     per batch) alive while the operator lives. Measured on 2 CPU cores, full-batch digits
-    (``benchmarks/RESULTS.md``): 1.96 gradient costs per product on the MLP 64-256-256-10, 2.10 on a small CNN —
-    the cheapest route here, level with PyHessian's reused graph (2.04, 2.12), against 3.1–3.4 for a fresh
-    double backward per product.
+    (``benchmarks/RESULTS.md``): 1.93–1.96 gradient costs per product on the MLP 64-256-256-10, 2.10 on a
+    small CNN — the cheapest route here, level with PyHessian's reused graph (1.92–2.04, 2.12–2.23), against
+    3.1–3.4 for a fresh double backward per product.
 ``"func"``
     Forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad`` over ``functional_call`` (the route of
     curvlinops and the torch.func tutorial). No graph is kept between products, so memory stays at one batch's
